@@ -1,0 +1,67 @@
+# ecqae: train -> hls -> verify -> evaluate, on the embedded default unless told otherwise.
+# The Makefile bootstraps its own virtual environment from requirements.lock.
+
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.ecqae-installed
+
+# Training knobs (make train DATA=... ETA=... EPOCHS=...)
+DATA    ?= embedded
+ETA     ?= auto
+EPOCHS  ?= 30
+ELINKS  ?= 5
+WAFERS  ?= 200000
+SEED    ?= 0
+RUN     ?= runs/default
+TRAIN_ARGS ?=
+# Firmware knobs (make hls CONFIG=firmware_configs/econt_asic.yaml)
+CONFIG  ?= $(wildcard firmware_configs/*.yaml)
+HLS_OUT ?= hls
+# Evaluation / benchmark knobs
+EVAL_OUT ?= $(RUN)/evaluation
+BENCH_WAFERS ?= 100000
+PYTEST_ARGS ?=
+
+.PHONY: all train hls verify evaluate handoff bench bench-smoke test lint venv clean
+
+all: train hls verify evaluate
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m ecqae train --data $(DATA) --eta $(ETA) --epochs $(EPOCHS) --elinks $(ELINKS) \
+		--wafers $(WAFERS) --seed $(SEED) --out $(RUN) $(TRAIN_ARGS)
+
+hls: $(STAMP)
+	$(PY) -m ecqae hls --run $(RUN) --out $(HLS_OUT) $(CONFIG)
+
+verify: $(STAMP)
+	$(PY) -m ecqae verify --run $(RUN) --hls $(HLS_OUT) $(CONFIG)
+
+evaluate: $(STAMP)
+	$(PY) -m ecqae evaluate --run $(RUN) --out $(EVAL_OUT)
+
+handoff: $(STAMP)
+	$(PY) -m ecqae handoff --run $(RUN) --hls $(HLS_OUT) $(CONFIG)
+
+bench: $(STAMP)
+	$(PY) -m ecqae bench --wafers $(BENCH_WAFERS) --out bench.json
+
+test: $(STAMP)
+	$(PY) -m ruff check ecqae tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check ecqae tests
+	$(PY) -m ruff format --check ecqae tests
+
+clean:
+	rm -rf runs hls/*/ bench.json .pytest_cache
