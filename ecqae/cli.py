@@ -1,0 +1,148 @@
+"""Command line: thin wrappers that parse arguments and call the stage modules.
+
+Stage modules are imported lazily so ``ecqae --help`` does not pay for
+TensorFlow. Every ``EcqaeError`` becomes one line on stderr and exit status 2
+(``--debug`` shows the traceback); a failed verification exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import EcqaeError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import train
+
+    cfg = train.resolve_config(
+        config_file=args.config,
+        data=args.data,
+        eta=args.eta,
+        wafers=args.wafers,
+        epochs=args.epochs,
+        elinks=args.elinks,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        no_condition=args.no_condition,
+    )
+    train.train(cfg, Path(args.out), force=args.force)
+    return 0
+
+
+def _cmd_hls(args: argparse.Namespace) -> int:
+    from . import firmware
+
+    firmware.convert_all(Path(args.run), [Path(c) for c in args.configs], Path(args.out))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from . import verify
+
+    ok = verify.verify_all(Path(args.run), [Path(c) for c in args.configs], Path(args.hls), n_wafers=args.wafers)
+    return 0 if ok else 1
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate
+
+    evaluate.evaluate(Path(args.run), Path(args.out), ablation=Path(args.ablation) if args.ablation else None)
+    return 0
+
+
+def _cmd_handoff(args: argparse.Namespace) -> int:
+    from . import handoff
+
+    handoff.make_bundle(Path(args.run), [Path(c) for c in args.configs], Path(args.hls), name=args.name)
+    return 0
+
+
+def _cmd_check_bundle(args: argparse.Namespace) -> int:
+    from . import handoff
+
+    return 0 if handoff.check_bundle(Path(args.path)) else 1
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    bench.run(n_wafers=args.wafers, out=Path(args.out), scaling=args.scaling, smoke=args.smoke)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecqae", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the conditional autoencoder")
+    t.add_argument("--config", help="YAML run config (data/model/train sections); flags override it")
+    t.add_argument("--data", help="'embedded' (default) or a CALQ CSV path (.csv or .csv.gz)")
+    t.add_argument("--eta", help="CSV eta: a column name, a value '2.2' or a range '1.6:2.9' (default: column 'eta')")
+    t.add_argument("--wafers", type=int, help="embedded: wafers to generate; CSV: at most this many rows (0 = all)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--elinks", type=int, help="e-link budget; sets the latent bit width (2->3, 3->5, 4->7, 5+->9)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--no-condition", action="store_true", help="plain autoencoder: decoder ignores sum and eta")
+    t.add_argument("--out", default="runs/default", help="run directory")
+    t.add_argument("--force", action="store_true", help="retrain even if the run directory is complete")
+    t.set_defaults(func=_cmd_train)
+
+    h = sub.add_parser("hls", help="convert the trained encoder to HLS projects and compile the C simulation")
+    h.add_argument("--run", default="runs/default")
+    h.add_argument("--out", default="hls")
+    h.add_argument("configs", nargs="+", help="firmware config YAML files")
+    h.set_defaults(func=_cmd_hls)
+
+    v = sub.add_parser("verify", help="prove the C simulation bit-exact against QKeras")
+    v.add_argument("--run", default="runs/default")
+    v.add_argument("--hls", default="hls")
+    v.add_argument("--wafers", type=int, default=0, help="test wafers to compare (0 = the whole test split)")
+    v.add_argument("configs", nargs="+")
+    v.set_defaults(func=_cmd_verify)
+
+    e = sub.add_parser("evaluate", help="EMD and the field's metrics against the classical algorithms")
+    e.add_argument("--run", default="runs/default")
+    e.add_argument("--out", default=None)
+    e.add_argument("--ablation", help="a plain-autoencoder run to compare against")
+    e.set_defaults(func=_cmd_evaluate)
+
+    o = sub.add_parser("handoff", help="write the release bundle for ASIC engineers")
+    o.add_argument("--run", default="runs/default")
+    o.add_argument("--hls", default="hls")
+    o.add_argument("--name", default=None)
+    o.add_argument("configs", nargs="+")
+    o.set_defaults(func=_cmd_handoff)
+
+    c = sub.add_parser("check-bundle", help="re-verify a received release bundle from its files alone")
+    c.add_argument("path")
+    c.set_defaults(func=_cmd_check_bundle)
+
+    b = sub.add_parser("bench", help="measure speed and memory of every stage")
+    b.add_argument("--wafers", type=int, default=100_000)
+    b.add_argument("--out", default="bench.json")
+    b.add_argument("--scaling", action="store_true", help="also run 1e4, 1e5, 1e6 wafers")
+    b.add_argument("--smoke", action="store_true", help="a few-second version for CI")
+    b.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EcqaeError as exc:
+        if args.debug:
+            raise
+        print(f"ecqae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ecqae: interrupted", file=sys.stderr)
+        return 130
