@@ -6,3 +6,8 @@ depends on; ``config`` the typed configs; ``cli`` only parses and calls.
 """
 
 __version__ = "0.1.0"
+
+import os as _os
+
+# TensorFlow's C++ start-up chatter hides our own progress lines.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

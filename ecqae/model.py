@@ -13,20 +13,24 @@ low-energy wafers, thin noisy sensors at high eta, pileup density).
 
 from __future__ import annotations
 
-import os
+import warnings
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
+from qkeras import QActivation, QConv2D, QDense
+from qkeras.utils import _add_supported_quantized_objects
+from tensorflow import keras
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from qkeras import QActivation, QConv2D, QDense  # noqa: E402
-from qkeras.utils import _add_supported_quantized_objects  # noqa: E402
-from tensorflow import keras  # noqa: E402
+from . import chip
+from .config import ModelConfig, QuantConfig
+from .errors import EcqaeError
 
-from . import chip  # noqa: E402
-from .config import ModelConfig, QuantConfig  # noqa: E402
-from .errors import EcqaeError  # noqa: E402
+# Keras 2.15 warns on every HDF5 save and on QKeras quantizer serialisation;
+# HDF5 is what hls4ml reads, and the quantizers round-trip (tested).
+warnings.filterwarnings("ignore", message=r".*HDF5 file via `model.save\(\)`.*")
+warnings.filterwarnings("ignore", message=r".*keras.constraints.serialize\(\)`.*")
+tf.get_logger().setLevel("ERROR")
 
 N_COND = 2  # decoder conditions: encoded-then-decoded log sum, eta
 ENCODER_LAYERS = ("InputLayer", "QConv2D", "QActivation", "Flatten", "QDense", "QActivation")
