@@ -10,4 +10,4 @@ __version__ = "0.1.0"
 import os as _os
 
 # TensorFlow's C++ start-up chatter hides our own progress lines.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

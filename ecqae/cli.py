@@ -18,9 +18,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import train
+    from .config import resolve_run_config
 
-    cfg = train.resolve_config(
+    cfg = resolve_run_config(
         config_file=args.config,
         data=args.data,
         eta=args.eta,
@@ -31,6 +31,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         no_condition=args.no_condition,
     )
+    from . import train
+
     train.train(cfg, Path(args.out), force=args.force)
     return 0
 
@@ -38,21 +40,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_hls(args: argparse.Namespace) -> int:
     from . import firmware
 
-    firmware.convert_all(Path(args.run), [Path(c) for c in args.configs], Path(args.out))
+    firmware.convert_all(Path(args.run) if args.run else None, [Path(c) for c in args.configs], Path(args.out))
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from . import verify
+    from . import data, verify
 
-    ok = verify.verify_all(Path(args.run), [Path(c) for c in args.configs], Path(args.hls), n_wafers=args.wafers)
+    extra = data.read_csv(args.data, eta=args.eta, max_rows=args.data_rows) if args.data else None
+    run = Path(args.run) if args.run else None
+    ok = verify.verify_all(run, [Path(c) for c in args.configs], Path(args.hls), n_wafers=args.wafers, extra=extra)
     return 0 if ok else 1
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
 
-    evaluate.evaluate(Path(args.run), Path(args.out), ablation=Path(args.ablation) if args.ablation else None)
+    evaluate.evaluate(
+        Path(args.run),
+        Path(args.out) if args.out else None,
+        ablation=Path(args.ablation) if args.ablation else None,
+        n_wafers=args.wafers,
+    )
     return 0
 
 
@@ -96,22 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     h = sub.add_parser("hls", help="convert the trained encoder to HLS projects and compile the C simulation")
-    h.add_argument("--run", default="runs/default")
+    h.add_argument("--run", help="run directory (default: the config's 'run', else runs/default)")
     h.add_argument("--out", default="hls")
     h.add_argument("configs", nargs="+", help="firmware config YAML files")
     h.set_defaults(func=_cmd_hls)
 
     v = sub.add_parser("verify", help="prove the C simulation bit-exact against QKeras")
-    v.add_argument("--run", default="runs/default")
+    v.add_argument("--run", help="run directory (default: the config's 'run', else runs/default)")
     v.add_argument("--hls", default="hls")
     v.add_argument("--wafers", type=int, default=0, help="test wafers to compare (0 = the whole test split)")
-    v.add_argument("configs", nargs="+")
+    v.add_argument("--data", help="extra wafers to compare: a CALQ CSV (.csv or .csv.gz)")
+    v.add_argument("--eta", default="2.2", help="eta for --data: a column name, a value or a range LO:HI")
+    v.add_argument("--data-rows", type=int, default=0, help="at most this many rows of --data (0 = all)")
+    v.add_argument("configs", nargs="+", help="firmware config YAML files")
     v.set_defaults(func=_cmd_verify)
 
     e = sub.add_parser("evaluate", help="EMD and the field's metrics against the classical algorithms")
     e.add_argument("--run", default="runs/default")
-    e.add_argument("--out", default=None)
-    e.add_argument("--ablation", help="a plain-autoencoder run to compare against")
+    e.add_argument("--out", default=None, help="output directory (default: <run>/evaluation)")
+    e.add_argument("--ablation", help="a plain-autoencoder run (same data and seed) to compare against")
+    e.add_argument("--wafers", type=int, default=0, help="test wafers to use (0 = the whole test split)")
     e.set_defaults(func=_cmd_evaluate)
 
     o = sub.add_parser("handoff", help="write the release bundle for ASIC engineers")

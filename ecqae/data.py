@@ -255,11 +255,11 @@ def read_csv(path: str | Path, eta: str = "auto", max_rows: int = 0, seed: int =
 # Generator parameters (see ``generate``); in ECON-T input counts.
 NOISE_COUNTS = (2.0, 3.5, 6.0)  # noise sigma per TC for 300, 200, 120 um silicon
 ZS_SIGMA = 3.0  # zero-suppression threshold in noise sigmas
-PU_DEPOSITS = (0.5, 12.0)  # mean pileup deposits per wafer at eta 1.5 and 3.0 (quadratic in between)
+PU_DEPOSITS = (0.5, 24.0)  # mean pileup deposits per wafer at eta 1.5 and 3.0 (quadratic in between)
 PU_MEAN_COUNTS = 30.0  # mean energy of one pileup deposit (exponential)
 SHOWER_PROB = 0.7  # chance of a shower core on the wafer (a second one: SHOWER_PROB / 4)
 SHOWER_COUNTS = (35.0, 35.0 * 300)  # log-uniform shower energy range (1 to 300 MIP_T)
-SHOWER_RADIUS_CM = (0.8, 3.0)  # exponential lateral profile scale, uniform range
+SHOWER_RADIUS_CM = (0.5, 1.5)  # exponential lateral profile scale, uniform range
 
 
 def generate(n: int, seed: int = 0) -> Wafers:
@@ -270,11 +270,11 @@ def generate(n: int, seed: int = 0) -> Wafers:
       (300/200/120 um, chip.THICKNESS_EDGES) sets the noise in calibrated counts,
       larger for thinner sensors (less signal per MIP).
     - pileup: a Poisson number of diffuse deposits whose mean rises
-      quadratically with eta (0.5 -> 12), each in a random TC with an
+      quadratically with eta (0.5 -> 24), each in a random TC with an
       exponential energy (mean 30 counts, about 1 MIP_T).
     - shower cores: with probability 0.7 (a second with 0.175) a shower of
       log-uniform energy 1..300 MIP_T centred near a random TC, spread over its
-      neighbours with an exponential lateral profile of 0.8..3 cm on the real
+      neighbours with an exponential lateral profile of 0.5..1.5 cm on the real
       hexagonal TC geometry.
     - Gaussian noise, zero suppression at 3 sigma, rounding to integers, and
       clipping to 22 bits. A wafer left empty gets one isolated hit of about

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import artifacts, data, losses
 from . import model as mdl
-from .config import DataConfig, RunConfig, from_dict, read_yaml, to_dict
+from .config import DataConfig, RunConfig, from_dict, to_dict
 from .errors import EcqaeError
 
 Log = Callable[[str], None]
@@ -52,43 +52,6 @@ def stack_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-def resolve_config(
-    config_file: str | None = None,
-    data: str | None = None,
-    eta: str | None = None,
-    wafers: int | None = None,
-    epochs: int | None = None,
-    elinks: int | None = None,
-    seed: int | None = None,
-    batch_size: int | None = None,
-    no_condition: bool = False,
-) -> RunConfig:
-    """A RunConfig from an optional YAML file with command-line values on top."""
-    raw: dict[str, Any] = read_yaml(config_file) if config_file else {}
-    where = str(config_file) if config_file else "command line"
-    for section in ("data", "model", "train"):
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise EcqaeError(f"{where}: section '{section}' must be a mapping")
-    sets = {
-        ("data", "source"): data,
-        ("data", "eta"): eta,
-        ("data", "n_wafers"): wafers,
-        ("data", "seed"): seed,
-        ("train", "seed"): seed,
-        ("train", "epochs"): epochs,
-        ("train", "batch_size"): batch_size,
-        ("model", "elinks"): elinks,
-        ("model", "conditional"): False if no_condition else None,
-    }
-    for (section, key), value in sets.items():
-        if value is not None:
-            raw[section][key] = value
-    if elinks is not None and isinstance(raw["model"].get("quant"), dict):
-        raw["model"]["quant"].pop("latent_bits", None)  # the e-link flag decides the latent width
-    return from_dict(RunConfig, raw, where)
 
 
 def _fingerprint(cfg: RunConfig) -> str:
