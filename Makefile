@@ -14,6 +14,7 @@ ELINKS  ?= 5
 WAFERS  ?= 200000
 SEED    ?= 0
 RUN     ?= runs/default
+PLAIN   ?= $(RUN)-plain
 TRAIN_ARGS ?=
 # Firmware knobs (make hls CONFIG=firmware_configs/econt_asic.yaml)
 CONFIG  ?= $(wildcard firmware_configs/*.yaml)
@@ -23,9 +24,9 @@ EVAL_OUT ?= $(RUN)/evaluation
 BENCH_WAFERS ?= 100000
 PYTEST_ARGS ?=
 
-.PHONY: all train hls verify evaluate handoff bench bench-smoke test lint venv clean
+.PHONY: all train train-plain hls verify evaluate handoff bench bench-smoke test lint venv clean
 
-all: train hls verify evaluate
+all: train train-plain hls verify evaluate
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,11 @@ train: $(STAMP)
 	$(PY) -m ecqae train --data $(DATA) --eta $(ETA) --epochs $(EPOCHS) --elinks $(ELINKS) \
 		--wafers $(WAFERS) --seed $(SEED) --out $(RUN) $(TRAIN_ARGS)
 
+# The ablation: the same model and training without the sum and eta conditions.
+train-plain: $(STAMP)
+	$(PY) -m ecqae train --data $(DATA) --eta $(ETA) --epochs $(EPOCHS) --elinks $(ELINKS) \
+		--wafers $(WAFERS) --seed $(SEED) --out $(PLAIN) --no-condition $(TRAIN_ARGS)
+
 hls: $(STAMP)
 	$(PY) -m ecqae hls --run $(RUN) --out $(HLS_OUT) $(CONFIG)
 
@@ -47,7 +53,7 @@ verify: $(STAMP)
 	$(PY) -m ecqae verify --run $(RUN) --hls $(HLS_OUT) $(CONFIG)
 
 evaluate: $(STAMP)
-	$(PY) -m ecqae evaluate --run $(RUN) --out $(EVAL_OUT)
+	$(PY) -m ecqae evaluate --run $(RUN) --out $(EVAL_OUT) $(if $(wildcard $(PLAIN)/COMPLETE),--ablation $(PLAIN))
 
 handoff: $(STAMP)
 	$(PY) -m ecqae handoff --run $(RUN) --hls $(HLS_OUT) $(CONFIG)

@@ -68,7 +68,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_handoff(args: argparse.Namespace) -> int:
     from . import handoff
 
-    handoff.make_bundle(Path(args.run), [Path(c) for c in args.configs], Path(args.hls), name=args.name)
+    out = Path(args.out) if args.out else Path(args.hls) / "release"
+    handoff.make_bundle(Path(args.run), [Path(c) for c in args.configs], Path(args.hls), name=args.name, out_root=out)
     return 0
 
 
@@ -88,7 +89,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecqae", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    # --debug is accepted after the subcommand too
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kwargs: object) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common], **kwargs)  # type: ignore[arg-type]
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     t = sub.add_parser("train", help="train the conditional autoencoder")
     t.add_argument("--config", help="YAML run config (data/model/train sections); flags override it")
@@ -130,12 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("handoff", help="write the release bundle for ASIC engineers")
     o.add_argument("--run", default="runs/default")
     o.add_argument("--hls", default="hls")
-    o.add_argument("--name", default=None)
+    o.add_argument("--name", default=None, help="bundle name (default: econt-<run id>)")
+    o.add_argument("--out", default=None, help="release directory (default: <hls>/release)")
     o.add_argument("configs", nargs="+")
     o.set_defaults(func=_cmd_handoff)
 
     c = sub.add_parser("check-bundle", help="re-verify a received release bundle from its files alone")
-    c.add_argument("path")
+    c.add_argument("path", help="a release directory or its .tar.gz")
     c.set_defaults(func=_cmd_check_bundle)
 
     b = sub.add_parser("bench", help="measure speed and memory of every stage")
@@ -159,3 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ecqae: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen environment problem: still one line
+        if args.debug:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"ecqae: error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 3

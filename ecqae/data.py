@@ -327,9 +327,13 @@ ETA_CENTRE, ETA_HALF_WIDTH = 0.5 * (chip.ETA_MIN + chip.ETA_MAX), 0.5 * (chip.ET
 
 
 def conditions(sum_decoded: np.ndarray, eta: np.ndarray) -> np.ndarray:
-    """Decoder conditions: log2(1 + decoded sum) / 22 and eta scaled to [-1, 1] over the endcap."""
+    """Decoder conditions: log2(1 + decoded sum) / 22 and |eta| scaled to [-1, 1] over the endcap.
+
+    |eta|: the two endcaps are mirror images. Values outside the endcap are
+    used as given (the decoder extrapolates), never clipped silently to NaN.
+    """
     log_sum = np.log2(1.0 + np.asarray(sum_decoded, dtype=np.float64)) * LOG_SUM_SCALE
-    eta_s = (np.asarray(eta, dtype=np.float64) - ETA_CENTRE) / ETA_HALF_WIDTH
+    eta_s = (np.abs(np.asarray(eta, dtype=np.float64)) - ETA_CENTRE) / ETA_HALF_WIDTH
     return np.stack([log_sum, eta_s], axis=1).astype(np.float32)
 
 
