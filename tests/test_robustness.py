@@ -1,0 +1,126 @@
+"""Hostile inputs and odd wafers: clear one-line errors, correct handling, never NaN."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import CALQ, ROOT
+
+from ecqae import chip, config, data, model
+from ecqae.errors import EcqaeError
+
+HEADER = ",".join(f"CALQ_{i}" for i in range(48))
+
+
+def _csv(tmp_path, rows: list[str], name: str = "w.csv", header: str = HEADER):
+    p = tmp_path / name
+    p.write_text("\n".join([header, *rows]) + "\n")
+    return p
+
+
+@pytest.mark.parametrize(
+    "cells, message",
+    [
+        (["inf"] + ["1"] * 47, "CALQ_0: inf is not a finite charge"),
+        (["-inf"] + ["1"] * 47, "CALQ_0"),
+        (["1e3"] + ["1"] * 47, None),  # scientific notation of an integer is an integer
+        (["", *["1"] * 47], "row 2"),
+    ],
+)
+def test_odd_cells(tmp_path, cells, message):
+    p = _csv(tmp_path, [",".join(cells)])
+    if message is None:
+        assert data.read_csv(p, eta="2").charges[0, 0] == 1000
+    else:
+        with pytest.raises(EcqaeError, match=message):
+            data.read_csv(p, eta="2")
+
+
+def test_tab_and_whitespace_separated(tmp_path):
+    for sep in ("\t", " "):
+        p = _csv(tmp_path, [sep.join(["2"] * 48)], header=HEADER.replace(",", sep), name=f"w{ord(sep)}.csv")
+        assert data.read_csv(p, eta="2").charges.sum() == 96
+
+
+def test_windows_line_endings_and_bom(tmp_path):
+    p = tmp_path / "win.csv"
+    p.write_bytes(("\ufeff" + HEADER + "\r\n" + ",".join(["1"] * 48) + "\r\n").encode())
+    assert data.read_csv(p, eta="2").charges.sum() == 48
+
+
+def test_corrupt_gzip_and_binary_and_directory(tmp_path):
+    good = gzip.compress((HEADER + "\n" + ",".join(["1"] * 48) + "\n").encode() * 1)
+    (tmp_path / "cut.csv.gz").write_bytes(good[: len(good) // 2])
+    with pytest.raises(EcqaeError, match="cut.csv.gz"):
+        data.read_csv(tmp_path / "cut.csv.gz", eta="2")
+    (tmp_path / "bin.csv").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(EcqaeError, match="bin.csv"):
+        data.read_csv(tmp_path / "bin.csv", eta="2")
+    with pytest.raises(EcqaeError, match="is a directory"):
+        data.read_csv(tmp_path, eta="2")
+
+
+def test_large_file_is_streamed_when_fewer_rows_are_asked(tmp_path):
+    # 200,000 good rows then a broken one: asking for 1,000 rows never reads that far.
+    row = ",".join(["3"] * 48)
+    p = tmp_path / "big.csv"
+    with open(p, "w") as f:
+        f.write(HEADER + "\n")
+        f.write((row + "\n") * 200_000)
+        f.write("broken\n")
+    w = data.read_csv(p, eta="2", max_rows=1000)
+    assert len(w) == 1000
+    with pytest.raises(EcqaeError, match="row 200002"):
+        data.read_csv(p, eta="2")
+
+
+def test_eta_column_with_nan(tmp_path):
+    p = _csv(tmp_path, [",".join(["1"] * 48) + ",nan"], header=HEADER + ",eta")
+    with pytest.raises(EcqaeError, match="eta is not finite"):
+        data.read_csv(p)
+
+
+def test_edge_wafers_never_produce_nan():
+    q = np.zeros((6, 48), dtype=np.int64)
+    q[1, 0] = 1  # smallest non-zero wafer
+    q[2, :] = chip.CHARGE_MAX  # saturating sum
+    q[3, 47] = chip.CHARGE_MAX  # single hit at the 22-bit limit
+    q[4, :] = 1
+    q[5, ::2] = 12345
+    eta = np.array([1.5, 3.0, 0.0, -2.2, 4.5, 2.2], dtype=np.float32)  # includes values outside the endcap
+    p = data.prepare(data.Wafers(q.astype(np.int32), eta))
+    for arr in (p.images, p.target, p.cond):
+        assert np.all(np.isfinite(arr))
+    assert np.all(p.target[0] == 0) and p.sum_word[0] == 0
+    enc, dec, cae = model.build_cae(config.ModelConfig())
+    out = cae.predict([p.images, p.cond], verbose=0)
+    assert np.all(np.isfinite(out)) and np.all(out >= 0)
+    recon = out * p.sum_decoded[:, None]
+    assert np.all(np.isfinite(recon)) and recon[0].sum() == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", "--data", "/nonexistent.csv", "--eta", "2"],
+        ["train", "--data", str(CALQ)],
+        ["train", "--config", "/nonexistent.yaml"],
+    ],
+)
+def test_cli_errors_are_one_line_without_traceback(tmp_path, args):
+    r = subprocess.run([sys.executable, "-m", "ecqae", *args, "--out", str(tmp_path / "r")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ecqae: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ecqae", "train", "--data", "/nonexistent.csv", "--eta", "2", "--debug",
+                        "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode != 0 and "Traceback" in r.stderr
