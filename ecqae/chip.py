@@ -38,6 +38,8 @@ HEADER_BITS = 4
 # Latent bits per latent value, by number of e-links (reference §4).
 ELINK_LATENT_BITS = {2: 3, 3: 5, 4: 7, 5: 9}
 MAX_ELINKS = 14
+# Best-choice format: TCs (address + charge) that fit each e-link budget (reference §6).
+BEST_CHOICE_N = {2: 4, 3: 6, 4: 9, 5: 14}
 
 
 def latent_bits_for_elinks(elinks: int) -> int:
@@ -179,3 +181,51 @@ def normalise(charges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.where(s[:, None] > 0, num // np.maximum(s, 1)[:, None], 0)
     x = np.minimum(x, scale)  # a saturated sum can put a TC above 1.0
     return (x / scale).astype(np.float32), s
+
+
+# Encoder geometry the register image and the golden model are laid out on
+# (model.check_encoder refuses any other): 3x3 stride-2 'valid' conv, 8 filters,
+# 9x9 -> 4x4x8, flattened channels-last (index (row*4 + col)*8 + filter), dense to 16.
+CONV_FILTERS = 8
+CONV_KERNEL = 3
+CONV_STRIDE = 2
+CONV_OUT = (IMAGE_SIZE - CONV_KERNEL) // CONV_STRIDE + 1
+DENSE_INPUTS = CONV_OUT * CONV_OUT * CONV_FILTERS
+
+# Register image: every weight and bias as one 6-bit two's-complement word
+# (value = code / 32), in this order, each tensor in C order (last index fastest).
+REGISTER_LAYOUT: tuple[tuple[str, str, tuple[int, ...]], ...] = (
+    ("conv2d", "kernel", (CONV_KERNEL, CONV_KERNEL, 1, CONV_FILTERS)),  # [row, col, channel, filter]
+    ("conv2d", "bias", (CONV_FILTERS,)),
+    ("dense", "kernel", (DENSE_INPUTS, N_LATENT)),  # [flattened conv output, latent]
+    ("dense", "bias", (N_LATENT,)),
+)
+N_REGISTER_WORDS = sum(int(np.prod(shape)) for _, _, shape in REGISTER_LAYOUT)  # 2,144
+WEIGHT_FRAC_BITS = WEIGHT_BITS - 1 - WEIGHT_INTEGER
+WEIGHT_CODE_MIN = -(1 << (WEIGHT_BITS - 1))
+WEIGHT_CODE_MAX = (1 << (WEIGHT_BITS - 1)) - 1
+
+# Output word: the 16 latent codes (value * 2^(bits - integer), unsigned) and the
+# 9-bit encoded sum as one unsigned integer of 16*b + 9 bits, b the latent width.
+# Bit 0 is the least significant: latent i occupies bits [i*b, (i+1)*b), the sum
+# word the 9 bits above latent 15, i.e. Verilog {sum_word, latent[15], ..., latent[0]}.
+# Written as hex, most significant digit first, zero-padded to whole digits
+# (9-bit latents: 153 bits, 39 digits).
+
+
+def output_word_bits(latent_bits: int) -> int:
+    return N_LATENT * latent_bits + SUM_WORD_BITS
+
+
+def output_word_hex_digits(latent_bits: int) -> int:
+    return -(-output_word_bits(latent_bits) // 4)
+
+
+def output_latent_lsb(index: int, latent_bits: int) -> int:
+    """Bit position of latent ``index``'s least significant bit in the output word."""
+    return index * latent_bits
+
+
+def output_sum_lsb(latent_bits: int) -> int:
+    """Bit position of the encoded sum's least significant bit in the output word."""
+    return N_LATENT * latent_bits

@@ -112,8 +112,8 @@ def test_edge_wafers_never_produce_nan():
     ],
 )
 def test_cli_errors_are_one_line_without_traceback(tmp_path, args):
-    r = subprocess.run([sys.executable, "-m", "ecqae", *args, "--out", str(tmp_path / "r")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    cmd = [sys.executable, "-m", "ecqae", *args, "--out", str(tmp_path / "r")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("ecqae: error:"), r.stderr
@@ -121,6 +121,6 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, args):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ecqae", "train", "--data", "/nonexistent.csv", "--eta", "2", "--debug",
-                        "--out", str(tmp_path / "r")], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    args = ["train", "--data", "/nonexistent.csv", "--eta", "2", "--debug", "--out", str(tmp_path / "r")]
+    r = subprocess.run([sys.executable, "-m", "ecqae", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
