@@ -82,8 +82,9 @@ def _cmd_check_bundle(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    bench.run(n_wafers=args.wafers, out=Path(args.out), scaling=args.scaling, smoke=args.smoke)
-    return 0
+    out = Path(args.out)
+    report = bench.run(args.wafers, out, scaling=args.scaling, smoke=args.smoke, chain=args.chain, reps=args.reps)
+    return 0 if report["ok"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--wafers", type=int, default=100_000)
     b.add_argument("--out", default="bench.json")
     b.add_argument("--scaling", action="store_true", help="also run 1e4, 1e5, 1e6 wafers")
-    b.add_argument("--smoke", action="store_true", help="a few-second version for CI")
+    b.add_argument("--smoke", action="store_true", help="a quick version for CI (at most 1,000 wafers, 2 repetitions)")
+    b.add_argument("--reps", type=int, default=None, help="repetitions per figure (default 3; smoke 2)")
+    b.add_argument("--chain", action="store_true", help="also time 'make' on the embedded default (long)")
     b.set_defaults(func=_cmd_bench)
     return p
 

@@ -150,57 +150,61 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(value: Any, tp: Any, where: str) -> Any:
+def _convert(value: Any, tp: Any, where: str, key: str) -> Any:
     """Check/convert one value to the annotated type, or raise EcqaeError."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
-            raise EcqaeError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, where)  # type: ignore[arg-type]
+            raise EcqaeError(f"{where}: {key}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where, key)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], where)
+        return _convert(value, inner[0], where, key)
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise EcqaeError(f"{where}: expected a list, got {type(value).__name__}")
-        return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+            raise EcqaeError(f"{where}: {key}: expected a list, got {type(value).__name__}")
+        return tuple(_convert(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise EcqaeError(f"{where}: expected true/false, got {value!r}")
+            raise EcqaeError(f"{where}: {key}: expected true/false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise EcqaeError(f"{where}: expected an integer, got {value!r}")
+            raise EcqaeError(f"{where}: {key}: expected an integer, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EcqaeError(f"{where}: expected a number, got {value!r}")
+            raise EcqaeError(f"{where}: {key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise EcqaeError(f"{where}: expected a string, got {value!r}")
+            raise EcqaeError(f"{where}: {key}: expected a string, got {value!r}")
         return value
-    raise EcqaeError(f"{where}: unsupported type {_type_name(tp)}")  # pragma: no cover
+    raise EcqaeError(f"{where}: {key}: unsupported type {_type_name(tp)}")  # pragma: no cover
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and bad values are errors."""
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config", key: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad values are errors.
+
+    ``where`` names the file (or 'command line'), ``key`` the dotted path inside it.
+    """
+    at = f"{where}: {key}" if key else where
     if not isinstance(data, Mapping):
-        raise EcqaeError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise EcqaeError(f"{at}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(map(str, data)) - names)
     if unknown:
-        raise EcqaeError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+        raise EcqaeError(f"{at}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], where, f"{key}.{k}" if key else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as exc:
-        raise EcqaeError(f"{where}: {exc}") from None
+        raise EcqaeError(f"{at}: {exc}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -237,3 +241,155 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise EcqaeError(f"{p}: expected a mapping at top level, got {type(data).__name__}")
     return data
+
+
+# ----------------------------------------------------------------------------- firmware
+
+FIRMWARE_BACKENDS = ("Catapult", "Vitis", "Vivado")  # Catapult -> ac_fixed (ASIC); Vitis/Vivado -> ap_fixed (FPGA)
+HLS_STRATEGIES = ("Latency", "Resource")
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+def _canonical(value: str, allowed: tuple[str, ...], what: str) -> str:
+    """Case-insensitive choice, returned in its canonical spelling."""
+    for a in allowed:
+        if isinstance(value, str) and value.lower() == a.lower():
+            return a
+    raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LayerFirmwareConfig:
+    """Per-layer hls4ml settings; anything unset is derived from the QKeras quantizers.
+
+    Precisions use hls4ml's syntax, e.g. ``fixed<21,9>`` or ``ufixed<9,1,RND_CONV,SAT>``.
+    """
+
+    result: str | None = None
+    accum: str | None = None
+    reuse_factor: int | None = None
+    strategy: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.reuse_factor is not None and self.reuse_factor < 1:
+            raise ValueError(f"reuse_factor must be >= 1, got {self.reuse_factor}")
+        if self.strategy is not None:
+            object.__setattr__(self, "strategy", _canonical(self.strategy, HLS_STRATEGIES, "strategy"))
+
+
+@dataclass(frozen=True)
+class EncoderFirmwareLayers:
+    """One entry per encoder layer (model.ENCODER_LAYERS); other names are rejected."""
+
+    wafer: LayerFirmwareConfig = field(default_factory=LayerFirmwareConfig)
+    conv2d: LayerFirmwareConfig = field(default_factory=LayerFirmwareConfig)
+    conv_act: LayerFirmwareConfig = field(default_factory=LayerFirmwareConfig)
+    dense: LayerFirmwareConfig = field(default_factory=LayerFirmwareConfig)
+    latent: LayerFirmwareConfig = field(default_factory=LayerFirmwareConfig)
+
+
+@dataclass(frozen=True)
+class FirmwareConfig:
+    """One firmware target (``firmware_configs/*.yaml``): hls4ml backend and its settings.
+
+    The HLS types are not set here: firmware.py derives them from the trained
+    model's quantizers, so a retrained model with other bit widths needs no edit.
+    ``latent_bits``, when given, asserts the chip's latent format and must match
+    the model. ``config_file`` is filled in by ``firmware.load_config``.
+    """
+
+    backend: str = ""
+    name: str = ""  # project directory under hls/; default: the config file's stem
+    run: str | None = None  # run directory to convert; the command line's --run wins
+    project_name: str = "econt_encoder"  # top-level C++ function and file names
+    io_type: str = "io_parallel"
+    clock_period: float = 25.0  # ns
+    technology: str | None = None  # Catapult only: 'asic' or 'fpga'
+    asic_libs: str | None = None  # Catapult asic: Catapult library name(s), space separated
+    part: str | None = None  # FPGA part (Vitis/Vivado, or Catapult with technology 'fpga')
+    reuse_factor: int = 1
+    strategy: str = "Latency"
+    latent_bits: int | None = None
+    testbench_wafers: int = 2000  # test-split wafers written to tb_data/ (plus the corner cases)
+    layers: EncoderFirmwareLayers = field(default_factory=EncoderFirmwareLayers)
+    config_file: str = ""
+
+    def __post_init__(self) -> None:
+        import re
+
+        set_ = object.__setattr__
+        if not self.backend:
+            raise ValueError(f"backend is required (one of {', '.join(FIRMWARE_BACKENDS)})")
+        set_(self, "backend", _canonical(self.backend, FIRMWARE_BACKENDS, "backend"))
+        set_(self, "strategy", _canonical(self.strategy, HLS_STRATEGIES, "strategy"))
+        if self.io_type != "io_parallel":
+            raise ValueError(f"io_type must be io_parallel (the verified encoder dataflow), got {self.io_type!r}")
+        if not (self.clock_period > 0 and math.isfinite(self.clock_period)):
+            raise ValueError(f"clock_period must be a positive number of ns, got {self.clock_period}")
+        if self.reuse_factor < 1:
+            raise ValueError(f"reuse_factor must be >= 1, got {self.reuse_factor}")
+        if self.latent_bits is not None and not 2 <= self.latent_bits <= 16:
+            raise ValueError(f"latent_bits must be in 2..16, got {self.latent_bits}")
+        if self.testbench_wafers < 0:
+            raise ValueError("testbench_wafers must be >= 0")
+        if not re.fullmatch(_IDENTIFIER, self.project_name):
+            raise ValueError(f"project_name must be a C identifier, got {self.project_name!r}")
+        if self.name and not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name):
+            raise ValueError(f"name must be a plain directory name, got {self.name!r}")
+        if self.backend == "Catapult":
+            if self.technology not in ("asic", "fpga"):
+                raise ValueError(f"technology must be 'asic' or 'fpga' for Catapult, got {self.technology!r}")
+            if self.technology == "asic" and not self.asic_libs:
+                raise ValueError("asic_libs is required with technology 'asic'")
+            if self.technology == "asic" and self.part:
+                raise ValueError("part applies to technology 'fpga' only")
+            if self.technology == "fpga" and not self.part:
+                raise ValueError("part is required with technology 'fpga'")
+        else:
+            for key in ("technology", "asic_libs"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to the Catapult backend only")
+            if not self.part:
+                raise ValueError(f"part is required for the {self.backend} backend")
+
+    @property
+    def ac_types(self) -> bool:
+        """Catapult writes ac_fixed; the Xilinx backends write ap_fixed."""
+        return self.backend == "Catapult"
+
+
+def resolve_run_config(
+    config_file: str | None = None,
+    data: str | None = None,
+    eta: str | None = None,
+    wafers: int | None = None,
+    epochs: int | None = None,
+    elinks: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    no_condition: bool = False,
+) -> RunConfig:
+    """A RunConfig from an optional YAML file with command-line values on top."""
+    raw: dict[str, Any] = read_yaml(config_file) if config_file else {}
+    where = str(config_file) if config_file else "command line"
+    for section in ("data", "model", "train"):
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise EcqaeError(f"{where}: section '{section}' must be a mapping")
+    sets = {
+        ("data", "source"): data,
+        ("data", "eta"): eta,
+        ("data", "n_wafers"): wafers,
+        ("data", "seed"): seed,
+        ("train", "seed"): seed,
+        ("train", "epochs"): epochs,
+        ("train", "batch_size"): batch_size,
+        ("model", "elinks"): elinks,
+        ("model", "conditional"): False if no_condition else None,
+    }
+    for (section, key), value in sets.items():
+        if value is not None:
+            raw[section][key] = value
+    if elinks is not None and isinstance(raw["model"].get("quant"), dict):
+        raw["model"]["quant"].pop("latent_bits", None)  # the e-link flag decides the latent width
+    return from_dict(RunConfig, raw, where)
