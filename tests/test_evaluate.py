@@ -68,7 +68,9 @@ def test_values_lie_in_their_physical_ranges(full_report):
                 assert 0.0 <= emd["p16"] and emd["p84"] <= metrics.MAX_DISTANCE
                 assert 0.0 <= emd["mean"] <= metrics.MAX_DISTANCE
                 assert b["centroid"]["p16"] >= 0.0
-            assert b["sum_ratio"]["p16"] >= 0.0 and b["sum_ratio"]["p84"] <= 1.0 + 1e-6
+            # baselines send a subset of the true charges; the AE sends the 9-bit sum's midpoint
+            top = 1.0 + 1 / 32 + 1e-6 if r["name"].startswith("ae") else 1.0 + 1e-6
+            assert b["sum_ratio"]["p16"] >= 0.0 and b["sum_ratio"]["p84"] <= top
             assert 0 <= b["occupancy"]["p16"] and b["occupancy"]["p84"] <= chip.N_TC
     for e in (2, 3, 4, 5):
         stc = _stats(report, "stc", e, "all", "sum_ratio")
@@ -81,8 +83,8 @@ def test_values_lie_in_their_physical_ranges(full_report):
             )
     for name in ("ae", "ae_ablation"):
         ratio = _stats(report, name, 5, "all", "sum_ratio")
-        # Decoder fractions sum to 1, times the decoded 9-bit sum (at most 1/17 below the true one).
-        assert 1 - 1 / 17 - 1e-6 <= ratio["p16"] and ratio["p84"] <= 1.0 + 1e-6
+        # Decoder fractions sum to 1, times the 9-bit sum's midpoint (within half a mantissa step, 1/32).
+        assert 1 - 1 / 32 - 1e-6 <= ratio["p16"] and ratio["p84"] <= 1 + 1 / 32 + 1e-6
         assert _stats(report, name, 5, "all", "emd")["n"] == report["wafers"]["n"]
 
 
