@@ -15,6 +15,7 @@ CALQ = SHARED / "CALQ_output.csv"
 TTBAR = SHARED / "ttbar_0PU.csv"
 TC_COORDS = SHARED / "tc_coords.csv"
 SUPERCELLS = SHARED / "telescope_supercells.csv"
+CONFIGS = [ROOT / "firmware_configs" / "econt_asic.yaml", ROOT / "firmware_configs" / "fpga_vitis.yaml"]
 
 
 def _train_small(tmp_path_factory: pytest.TempPathFactory, name: str, elinks: int, conditional: bool = True) -> Path:
@@ -47,3 +48,29 @@ def calq_run_3bit(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def calq_run_plain(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run directory of the plain (unconditioned) ablation model, 9-bit latents."""
     return _train_small(tmp_path_factory, "calq9plain", elinks=5, conditional=False)
+
+
+_PROJECTS: dict[Path, dict[str, Path]] = {}
+
+
+def projects_for(run: Path, base: Path) -> dict[str, Path]:
+    """Both shipped firmware configs converted and compiled for ``run``, once per session."""
+    from ecqae import firmware
+
+    if run not in _PROJECTS:
+        out = base / f"hls-{run.parent.name}"
+        paths = firmware.convert_all(run, CONFIGS, out, log=lambda _msg: None)
+        _PROJECTS[run] = {p.name: p for p in paths}
+    return _PROJECTS[run]
+
+
+@pytest.fixture(scope="session")
+def hls9(calq_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Compiled Catapult and Vitis projects of the 9-bit model, by config name."""
+    return projects_for(calq_run, tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def hls3(calq_run_3bit: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Compiled Catapult and Vitis projects of the 3-bit model, by config name."""
+    return projects_for(calq_run_3bit, tmp_path_factory.getbasetemp())

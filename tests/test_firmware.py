@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CONFIGS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,34 +20,7 @@ from ecqae.cli import main
 from ecqae.config import FirmwareConfig, QuantConfig
 from ecqae.errors import EcqaeError
 
-ROOT = Path(__file__).resolve().parents[1]
-ASIC = ROOT / "firmware_configs" / "econt_asic.yaml"
-VITIS = ROOT / "firmware_configs" / "fpga_vitis.yaml"
-CONFIGS = [ASIC, VITIS]
-
-# Projects are compiled once per session and shared with test_verify.py (which imports projects_for).
-_PROJECTS: dict[Path, dict[str, Path]] = {}
-
-
-def projects_for(run: Path, base: Path) -> dict[str, Path]:
-    """Both shipped configs converted and compiled for ``run`` (cached per run for the session)."""
-    if run not in _PROJECTS:
-        out = base / f"hls-{run.parent.name}"
-        lines: list[str] = []
-        paths = firmware.convert_all(run, CONFIGS, out, log=lines.append)
-        _PROJECTS[run] = {p.name: p for p in paths}
-        print("\n".join(lines))
-    return _PROJECTS[run]
-
-
-@pytest.fixture(scope="session")
-def hls9(calq_run, tmp_path_factory):
-    return projects_for(calq_run, tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def hls3(calq_run_3bit, tmp_path_factory):
-    return projects_for(calq_run_3bit, tmp_path_factory.getbasetemp())
+ASIC, VITIS = CONFIGS
 
 
 def _yaml(tmp_path: Path, text: str, name: str = "fw.yaml") -> Path:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from conftest import CALQ, ROOT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from ecqae import chip, config, data, model
 from ecqae.errors import EcqaeError
@@ -124,3 +130,102 @@ def test_debug_shows_the_traceback(tmp_path):
     args = ["train", "--data", "/nonexistent.csv", "--eta", "2", "--debug", "--out", str(tmp_path / "r")]
     r = subprocess.run([sys.executable, "-m", "ecqae", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+# ----------------------------------------------------------------------------- through the firmware
+
+
+@pytest.fixture(scope="module")
+def chain9(calq_run, hls9):
+    """QKeras, C simulation and golden model of the 9-bit run, plus its decoder."""
+    from ecqae import firmware, train, verify
+
+    run = train.load_run(calq_run)
+    project = firmware.open_project(hls9["econt_asic"])
+    impls = verify.implementations(run.encoder(), run.config.model.quant, project)
+    return run, impls
+
+
+wafer_rows = st.integers(min_value=1, max_value=24).flatmap(
+    lambda n: hnp.arrays(
+        np.int64,
+        (n, 48),
+        elements=st.one_of(
+            st.just(0),
+            st.integers(0, 64),
+            st.integers(0, chip.CHARGE_MAX),
+            st.just(chip.CHARGE_MAX),
+        ),
+    )
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(charges=wafer_rows, eta=st.floats(-3.5, 3.5, allow_nan=False), sparsity=st.floats(0.0, 1.0))
+def test_random_wafers_through_the_whole_chain(chain9, charges, eta, sparsity):
+    """Any wafer: no NaN anywhere, bit-exact latents in all three implementations, outputs in range."""
+    run, impls = chain9
+    keep = np.random.default_rng(charges.size).random(charges.shape) >= sparsity
+    charges = charges * keep
+    wafers = data.Wafers(charges.astype(np.int32), np.full(len(charges), eta, dtype=np.float32))
+    prep = data.prepare(wafers)
+    for arr in (prep.images, prep.target, prep.cond):
+        assert np.all(np.isfinite(arr))
+    assert np.all((prep.images >= 0) & (prep.images <= 1))
+    codes = {name: fn(charges) for name, fn in impls.items()}
+    bits = run.config.model.latent_bits
+    for name, c in codes.items():
+        np.testing.assert_array_equal(c, codes["qkeras"], err_msg=name)
+        assert c.min() >= 0 and c.max() < 2**bits
+    latent = codes["csim"] / 2.0 ** (bits - 1)
+    frac = model.decode(run.decoder(), latent.astype(np.float32), prep.cond)
+    assert np.all(np.isfinite(frac)) and np.all(frac >= 0)
+    np.testing.assert_allclose(frac.sum(axis=1), 1.0, rtol=1e-4)
+    recon = frac * prep.sum_decoded[:, None]
+    assert np.all(np.isfinite(recon)) and np.all(recon <= 2 * chip.CHARGE_MAX)
+
+
+def _hls(out, run, config, **kw):
+    cmd = [sys.executable, "-m", "ecqae", "hls", "--run", str(run), "--out", str(out), str(config)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_killed_hls_leaves_nothing_trusted_and_the_rerun_rebuilds(calq_run, tmp_path):
+    from conftest import CONFIGS
+
+    from ecqae import artifacts, firmware
+
+    out = tmp_path / "hls"
+    proc = _hls(out, calq_run, CONFIGS[0])
+    project = out / "econt_asic"
+    deadline = time.monotonic() + 300
+    # kill once anything of the project exists on disk: the temporary build or the renamed project
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(p.name.startswith(".econt_asic") and p.suffix != ".lock" for p in out.glob(".*")) or project.exists():
+            time.sleep(1.0)
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "conversion finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert artifacts.read_complete(project) is None
+    with pytest.raises(EcqaeError, match="no HLS project|incomplete"):
+        firmware.open_project(project)
+    rerun = _hls(out, calq_run, CONFIGS[0])
+    assert rerun.wait(timeout=600) == 0, rerun.stdout.read()
+    assert firmware.open_project(project).csim().run(np.zeros((1, 9, 9, 1))).shape == (1, 16)
+
+
+def test_two_concurrent_hls_runs_do_not_corrupt_each_other(calq_run, tmp_path):
+    from conftest import CONFIGS
+
+    from ecqae import firmware
+
+    out = tmp_path / "hls"
+    procs = [_hls(out, calq_run, CONFIGS[0]) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=900) == 0, p.stdout.read()
+    project = firmware.open_project(out / "econt_asic")
+    assert project.csim().run(np.zeros((2, 9, 9, 1))).shape == (2, 16)
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+    assert leftovers == []

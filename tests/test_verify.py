@@ -7,22 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TTBAR
-from test_firmware import ASIC, ASIC_BASE, CONFIGS, projects_for
+from conftest import CONFIGS, TTBAR
+from test_firmware import ASIC, ASIC_BASE
 
 from ecqae import chip, data, firmware, verify
 from ecqae.cli import main
 from ecqae.errors import EcqaeError
-
-
-@pytest.fixture(scope="session")
-def hls9(calq_run, tmp_path_factory):
-    return projects_for(calq_run, tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="session")
-def hls3(calq_run_3bit, tmp_path_factory):
-    return projects_for(calq_run_3bit, tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")
