@@ -40,8 +40,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_hls(args: argparse.Namespace) -> int:
     from . import firmware
 
-    firmware.convert_all(Path(args.run) if args.run else None, [Path(c) for c in args.configs], Path(args.out))
-    return 0
+    paths = firmware.convert_all(Path(args.run) if args.run else None, [Path(c) for c in args.configs], Path(args.out))
+    bad = {p.name: n for p in paths if (n := firmware.testbench_mismatches(p))}
+    for name, n in bad.items():
+        print(f"ecqae: error: {name}: C simulation differs from QKeras on {n:,} testbench latents; "
+              "see make verify for where", file=sys.stderr)  # fmt: skip
+    return 1 if bad else 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -105,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML run config (data/model/train sections); flags override it")
     t.add_argument("--data", help="'embedded' (default) or a CALQ CSV path (.csv or .csv.gz)")
     t.add_argument("--eta", help="CSV eta: a column name, a value '2.2' or a range '1.6:2.9' (default: column 'eta')")
-    t.add_argument("--wafers", type=int, help="embedded: wafers to generate; CSV: at most this many rows (0 = all)")
+    t.add_argument(
+        "--wafers", type=int, help="embedded: wafers to generate (0 = 200,000); CSV: at most this many rows (0 = all)"
+    )
     t.add_argument("--epochs", type=int)
     t.add_argument("--elinks", type=int, help="e-link budget; sets the latent bit width (2->3, 3->5, 4->7, 5+->9)")
     t.add_argument("--seed", type=int)

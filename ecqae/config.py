@@ -103,6 +103,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.n_wafers < 0:
             raise ValueError("n_wafers must be >= 0")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 < v < 0.5:
@@ -123,6 +125,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError("epochs must be >= 1")
+        if self.seed < 0:
+            raise ValueError("seed must be >= 0")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):

@@ -109,27 +109,39 @@ def _columns(header: list[str], path: Path, eta_column: str | None) -> tuple[np.
     return np.array([found[tc] for tc in range(chip.N_TC)]), eta_idx
 
 
-def _parse_rows(lines: list[str], sep: str, ncol: int, first_row: int, path: Path, header: list[str]) -> np.ndarray:
-    """Parse a chunk of data lines to float64 (rows, ncol); errors name row and column."""
+def _parse_rows(
+    lines: list[str], sep: str, usecols: list[int], first_row: int, path: Path, header: list[str]
+) -> np.ndarray:
+    """Parse the used columns of a chunk to float64 (rows, len(usecols)); errors name row and column.
+
+    Columns we do not use (a sample tag, an event id) may hold anything.
+    """
+    ncol = len(header)
     try:
-        arr = np.loadtxt(lines, delimiter=None if sep == " " else sep, dtype=np.float64, ndmin=2, quotechar='"')
-        if arr.shape[1] == ncol:
+        arr = np.loadtxt(
+            lines, delimiter=None if sep == " " else sep, dtype=np.float64, ndmin=2, quotechar='"', usecols=usecols
+        )
+        if arr.shape == (len(lines), len(usecols)) and all(_count(line, sep) == ncol for line in lines[:1]):
             return arr
     except ValueError:
         pass
     # Slow path only to say exactly what is wrong.
-    out = np.empty((len(lines), ncol))
+    out = np.empty((len(lines), len(usecols)))
     for j, line in enumerate(lines):
         cells = _split(line, sep)
         row = first_row + j
         if len(cells) != ncol:
             raise EcqaeError(f"{path}: row {row}: {len(cells)} fields, header has {ncol}")
-        for k, cell in enumerate(cells):
+        for k, col in enumerate(usecols):
             try:
-                out[j, k] = float(cell)
+                out[j, k] = float(cells[col])
             except ValueError:
-                raise EcqaeError(f"{path}: row {row}, column {header[k]}: not a number ({cell!r})") from None
+                raise EcqaeError(f"{path}: row {row}, column {header[col]}: not a number ({cells[col]!r})") from None
     return out
+
+
+def _count(line: str, sep: str) -> int:
+    return len(_split(line, sep))
 
 
 def _iter_chunks(path: Path, max_rows: int) -> Iterator[tuple[list[str], int, str, list[str]]]:
@@ -211,12 +223,11 @@ def read_csv(path: str | Path, eta: str = "auto", max_rows: int = 0, seed: int =
         if cols is None:
             name = eta_arg if kind in ("auto", "column") else None
             if kind == "auto" and "eta" not in header:
-                raise EcqaeError(
-                    f"{path}: no 'eta' column; give eta as a value (--eta 2.2) or a range (--eta 1.6:2.9)"
-                )
+                raise EcqaeError(f"{path}: no 'eta' column; give eta as a value (--eta 2.2) or a range (--eta 1.6:2.9)")
             cols, eta_idx = _columns(header, path, name)  # type: ignore[arg-type]
-        arr = _parse_rows(lines, sep, len(header), first, path, header)
-        q = arr[:, cols]
+        usecols = [*cols.tolist(), *([eta_idx] if eta_idx is not None else [])]
+        arr = _parse_rows(lines, sep, usecols, first, path, header)
+        q = arr[:, : chip.N_TC]
         bad = ~np.isfinite(q)
         if bad.any():
             r, c = np.argwhere(bad)[0]
@@ -229,7 +240,7 @@ def read_csv(path: str | Path, eta: str = "auto", max_rows: int = 0, seed: int =
         clipped += int(over.sum())
         charges.append(np.minimum(q, chip.CHARGE_MAX).astype(np.int32))
         if eta_idx is not None:
-            e = arr[:, eta_idx]
+            e = arr[:, chip.N_TC]
             if not np.all(np.isfinite(e)):
                 r = int(np.flatnonzero(~np.isfinite(e))[0])
                 raise EcqaeError(f"{path}: row {first + r}, column {header[eta_idx]}: eta is not finite")

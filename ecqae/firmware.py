@@ -878,12 +878,19 @@ def convert_all(run_dir: Path | None, config_paths: list[Path], out_dir: Path, l
         run, quant = runs[path]
         resolve_types(fw, quant)  # fail on a contradicting config before anything is written
         plan.append((fw, path, run, quant))
+    (out_dir / "verify.json").unlink(missing_ok=True)  # stale as soon as any project is rebuilt
     out = []
     for fw, path, run, quant in plan:
         out.append(
             convert(run.encoder(), quant, fw, out_dir, log, wafers=run.test_wafers(), run_id=run.run_id, run_dir=path)
         )
     return out
+
+
+def testbench_mismatches(project: Path) -> int:
+    """Latents where the freshly compiled C simulation disagreed with QKeras on the testbench."""
+    record = json.loads((Path(project) / RECORD).read_text())
+    return int(record["testbench"]["csim_mismatched_latents"])
 
 
 @dataclass

@@ -19,12 +19,15 @@ Run directory (trusted only once ``COMPLETE`` exists, written last):
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import metadata
@@ -33,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from . import artifacts, data, losses
+from . import artifacts, chip, data, losses
 from . import model as mdl
 from .config import DataConfig, RunConfig, from_dict, to_dict
 from .errors import EcqaeError
@@ -42,6 +45,49 @@ Log = Callable[[str], None]
 RUN_FILES = ("config.json", "encoder.h5", "decoder.h5", "cae.h5", "test_split.npz", "metrics.json", "loss.png")
 STACK = ("tensorflow", "keras", "qkeras", "hls4ml", "numpy")
 MIN_WAFERS = 20
+ETA_RANGE = (chip.ETA_MIN, chip.ETA_MAX)
+LOCK = ".lock"
+
+
+def _warn(message: str) -> None:
+    print(f"ecqae: warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """One training per run directory at a time; a second one stops with a clear error."""
+    f = open(out / LOCK, "w")  # held for the whole training
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise EcqaeError(
+            f"{out}: another training is writing this run directory; wait for it or use another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _prepare_out(out: Path) -> None:
+    """Refuse output paths that would scatter a run over something else."""
+    if str(out) in ("", "."):
+        raise EcqaeError("--out must name a run directory (e.g. runs/default), not the current directory")
+    if out.exists() and not out.is_dir():
+        raise EcqaeError(f"{out}: exists and is not a directory")
+    if out.is_dir():
+        ours = set(RUN_FILES) | {artifacts.COMPLETE, "checkpoint", LOCK, "evaluation"}
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.startswith("."))
+        if foreign:
+            raise EcqaeError(f"{out}: not a run directory (holds {', '.join(foreign[:3])}); choose an empty --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EcqaeError(f"{out}: cannot create the run directory ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK):
+        raise EcqaeError(f"{out}: run directory is not writable")
 
 
 def stack_versions() -> dict[str, str]:
@@ -75,7 +121,13 @@ def load_splits(cfg: DataConfig, log: Log = print) -> Splits:
     wafers = data.load(cfg.source, cfg.n_wafers, cfg.eta, cfg.seed)
     empty = wafers.charges.sum(axis=1) == 0
     if empty.any():
-        log(f"dropping {int(empty.sum())} all-zero wafers (nothing to encode)")
+        _warn(f"{wafers.source}: dropping {int(empty.sum())} all-zero wafers (the chip sends nothing for them)")
+    outside = (np.abs(wafers.eta) < ETA_RANGE[0]) | (np.abs(wafers.eta) > ETA_RANGE[1])
+    if outside.any():
+        _warn(
+            f"{wafers.source}: {int(outside.sum())} wafers have |eta| outside the endcap "
+            f"{ETA_RANGE[0]}-{ETA_RANGE[1]}; the decoder's eta condition extrapolates there"
+        )
         wafers = wafers.take(np.flatnonzero(~empty))
     if len(wafers) < MIN_WAFERS:
         raise EcqaeError(f"{cfg.source}: {len(wafers)} non-empty wafers, at least {MIN_WAFERS} needed to train")
@@ -185,13 +237,22 @@ def plot_losses(history: list[dict], mse_epochs: int, path: Path) -> None:
 def train(cfg: RunConfig, out: str | Path, force: bool = False, log: Log = print) -> Run:
     """Train (or resume, or skip if already complete) and write the run directory."""
     out = Path(out)
+    _prepare_out(out)
+    with _run_lock(out):
+        return _train_locked(cfg, out, force, log)
+
+
+def _train_locked(cfg: RunConfig, out: Path, force: bool, log: Log) -> Run:
     fp = _fingerprint(cfg)
     done = artifacts.read_complete(out)
     if done is not None and not force:
         if done.get("fingerprint") == fp:
             log(f"{out}: already complete for this configuration (run {done.get('run_id')}); --force retrains")
             return load_run(out)
-        raise EcqaeError(f"{out}: holds a complete run with another configuration; choose a new --out or use --force")
+        raise EcqaeError(
+            f"{out}: holds a complete run (id {done.get('run_id')}) of another configuration; train into another "
+            "directory (make train RUN=runs/NAME, or --out) or overwrite it (make train TRAIN_ARGS=--force)"
+        )
 
     t_load = time.perf_counter()
     splits = load_splits(cfg.data, log)
@@ -208,7 +269,6 @@ def train(cfg: RunConfig, out: str | Path, force: bool = False, log: Log = print
     encoder, decoder, cae = mdl.build_cae(cfg.model)
     opt = keras.optimizers.Adam(learning_rate=tc.learning_rate)
     ckpt = out / "checkpoint"
-    out.mkdir(parents=True, exist_ok=True)
     (out / artifacts.COMPLETE).unlink(missing_ok=True)  # this directory is being rewritten
     if force and ckpt.exists():
         shutil.rmtree(ckpt)
@@ -226,8 +286,8 @@ def train(cfg: RunConfig, out: str | Path, force: bool = False, log: Log = print
     batches = -(-n // tc.batch_size)
     log(
         f"training run {run_id}: {cfg.model.latent_bits}-bit latents ({cfg.model.elinks} e-links), "
-        f"{'conditional' if cfg.model.conditional else 'plain'} decoder, {tc.epochs} epochs "
-        f"(MSE for {tc.mse_epochs}, then telescope), batch {tc.batch_size}"
+        f"{'conditional' if cfg.model.conditional else 'plain'} decoder, {tc.epochs} epoch(s): "
+        f"MSE for {tc.mse_epochs}, then telescope; batch {tc.batch_size}"
     )
     compiled_stage = None
     stopped_early = state.get("stopped_early", False)

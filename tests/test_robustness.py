@@ -229,3 +229,52 @@ def test_two_concurrent_hls_runs_do_not_corrupt_each_other(calq_run, tmp_path):
     assert project.csim().run(np.zeros((2, 9, 9, 1))).shape == (2, 16)
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
     assert leftovers == []
+
+
+# ----------------------------------------------------------------------------- training inputs and outputs
+
+
+def test_text_columns_we_do_not_use_are_ignored(tmp_path):
+    header = "sample," + HEADER + ",tag,eta"
+    p = _csv(tmp_path, ["ttbar," + ",".join(["2"] * 48) + ",evt-17,2.4"], header=header)
+    w = data.read_csv(p)
+    assert w.charges.sum() == 96 and w.eta[0] == np.float32(2.4)
+
+
+def test_eta_outside_the_endcap_warns(capsys):
+    from ecqae import train
+
+    cfg = config.DataConfig(source=str(CALQ), n_wafers=200, eta="4.5")
+    train.load_splits(cfg, log=lambda _m: None)
+    err = capsys.readouterr().err
+    assert "ecqae: warning:" in err and "200 wafers have |eta| outside the endcap" in err
+
+
+@pytest.mark.parametrize("out", ["", "."])
+def test_out_must_be_a_run_directory(out, capsys):
+    from ecqae import cli
+
+    assert cli.main(["train", "--data", str(CALQ), "--eta", "2", "--epochs", "1", "--out", out]) == 2
+    assert "--out must name a run directory" in capsys.readouterr().err
+
+
+def test_foreign_directory_is_not_overwritten(tmp_path, capsys):
+    from ecqae import cli
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    assert cli.main(["train", "--data", str(CALQ), "--eta", "2", "--epochs", "1", "--out", str(tmp_path)]) == 2
+    assert "not a run directory (holds notes.txt)" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_second_training_into_the_same_directory_is_refused(tmp_path, capsys):
+    import fcntl
+
+    from ecqae import cli, train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / train.LOCK, "w") as held:  # a training in progress holds this lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert cli.main(["train", "--data", str(CALQ), "--eta", "2", "--epochs", "1", "--out", str(out)]) == 2
+    assert "another training is writing this run directory" in capsys.readouterr().err

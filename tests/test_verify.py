@@ -101,7 +101,8 @@ def test_truncation_instead_of_convergent_rounding_is_caught(calq_run, tmp_path,
     bad = tmp_path / "asic_trn.yaml"
     bad.write_text(ASIC_BASE + "testbench_wafers: 200\nlayers:\n  latent: {result: 'ufixed<9,1,TRN,SAT>'}\n")
     hls_dir = tmp_path / "hls"
-    assert main(["hls", "--run", str(calq_run), "--out", str(hls_dir), str(bad)]) == 0
+    assert main(["hls", "--run", str(calq_run), "--out", str(hls_dir), str(bad)]) == 1  # the testbench check fails
+    assert "asic_trn: C simulation differs from QKeras" in capsys.readouterr().err
     capsys.readouterr()
     code = main(
         ["verify", "--run", str(calq_run), "--hls", str(hls_dir), "--data", str(TTBAR), "--data-rows", "500", str(bad)]
