@@ -46,7 +46,7 @@ DEFINITIONS = {
 }
 TABLE_FORMATS = {"emd": ".3f", "centroid": ".3f", "rms_diff": ".3f", "occupancy": ".1f", "sum_ratio": ".3f"}
 TABLE_TITLES = {
-    "emd": "EMD (neighbouring TCs = 2)",
+    "emd": "EMD [units: 1.21 cm, neighbouring TCs = 2]",
     "centroid": "centroid distance (same units)",
     "rms_diff": "RMS width, reconstructed - true (same units)",
     "occupancy": "occupancy: TCs > 1 MIP_T",
@@ -221,8 +221,9 @@ def plot_emd_distributions(entries: list[Entry], path: Path) -> None:
                 label=f"{e.label}: median {np.median(emd[ok]):.2f}",
             )
         ax.set_title(f"{el} e-links")
-        ax.set_xlabel("EMD (neighbouring TCs = 2)")
+        ax.set_xlabel("EMD [neighbouring-TC distance = 2 units, 1 unit = 1.21 cm]")
         ax.set_ylabel("wafers (normalised)")
+        ax.set_yscale("log")  # best-choice's spike at 0 would flatten every other curve
         ax.legend(fontsize=7)
     fig.suptitle("EMD between input and reconstruction (last bin includes overflow)")
     fig.tight_layout()
