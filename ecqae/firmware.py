@@ -608,18 +608,20 @@ def compiler_version() -> str:
 
 
 class CSim:
-    """A compiled C simulation, called through hls4ml's bridge ABI (``<project>_double``)."""
+    """A compiled C simulation, called through hls4ml's bridge ABI (``<project>_double``).
+
+    Calls pass raw pointers: numpy's ndpointer argument checks cost more than
+    the Catapult C simulation itself (measured: 75k -> 190k wafers/s).
+    """
 
     def __init__(self, library: Path, project_name: str, n_inputs: int, n_outputs: int) -> None:
-        from numpy.ctypeslib import ndpointer
-
         try:
             self._lib = ctypes.CDLL(str(library))
             fn = getattr(self._lib, f"{project_name}_double")
         except (OSError, AttributeError) as exc:
             raise EcqaeError(f"{library}: cannot load the C simulation ({exc})") from None
         fn.restype = None
-        fn.argtypes = [ndpointer(ctypes.c_double, flags="C_CONTIGUOUS")] * 2
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self._fn = fn
         self.n_inputs, self.n_outputs = n_inputs, n_outputs
 
@@ -629,8 +631,10 @@ class CSim:
         if x.shape[1] != self.n_inputs:
             raise EcqaeError(f"C simulation takes {self.n_inputs} inputs per wafer, got {x.shape[1]}")
         out = np.zeros((len(x), self.n_outputs), dtype=np.float64)
+        fn, xp, op = self._fn, x.ctypes.data, out.ctypes.data
+        step_in, step_out = x.strides[0], out.strides[0]
         for i in range(len(x)):
-            self._fn(x[i], out[i])
+            fn(xp + i * step_in, op + i * step_out)
         return out
 
 
