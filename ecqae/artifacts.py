@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import EcqaeError
+
 COMPLETE = "COMPLETE"
 
 
@@ -118,3 +120,33 @@ def read_complete(run_dir: str | Path) -> dict[str, Any] | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def verified_complete(directory: str | Path, incomplete: str, changed: str) -> dict[str, Any]:
+    """The COMPLETE record of ``directory``, after checking every listed file's sha256.
+
+    ``incomplete`` and ``changed`` finish the one-line errors for an unfinished
+    directory and for a missing or altered file (what the user should do).
+    """
+    d = Path(directory)
+    done = read_complete(d)
+    if done is None:
+        raise EcqaeError(f"{d}: {incomplete}")
+    for name, digest in done.get("files", {}).items():
+        f = d / name
+        if not f.is_file() or sha256_file(f) != digest:
+            raise EcqaeError(f"{f}: missing or changed since {changed}")
+    return done
+
+
+def read_text(path: str | Path) -> str:
+    """A text file's content; unreadable files are one-line errors naming the file."""
+    p = Path(path)
+    try:
+        return p.read_text()
+    except FileNotFoundError:
+        raise EcqaeError(f"{p}: file not found") from None
+    except IsADirectoryError:
+        raise EcqaeError(f"{p}: is a directory, expected a file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EcqaeError(f"{p}: cannot read ({exc})") from None

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 from . import chip
+from .artifacts import read_text
 from .errors import EcqaeError
 
 T = TypeVar("T")
@@ -227,12 +228,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a one-line error naming the file."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise EcqaeError(f"{p}: file not found") from None
-    except OSError as exc:
-        raise EcqaeError(f"{p}: cannot read ({exc.strerror})") from None
+    text = read_text(p)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -925,13 +925,9 @@ def open_project(path: str | Path, fw: FirmwareConfig | None = None, run_id: str
     p = Path(path)
     if not p.is_dir():
         raise EcqaeError(f"{p}: no HLS project here (run make hls first)")
-    done = artifacts.read_complete(p)
-    if done is None:
-        raise EcqaeError(f"{p}: project is incomplete (interrupted or failed build?); rerun make hls")
-    for name, digest in done.get("files", {}).items():
-        f = p / name
-        if not f.is_file() or artifacts.sha256_file(f) != digest:
-            raise EcqaeError(f"{f}: missing or changed since make hls built it; rerun make hls")
+    artifacts.verified_complete(
+        p, "project is incomplete (interrupted or failed build?); rerun make hls", "make hls built it; rerun make hls"
+    )
     try:
         record = json.loads((p / RECORD).read_text())
     except (OSError, json.JSONDecodeError) as exc:

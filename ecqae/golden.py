@@ -413,12 +413,7 @@ def read_register_image(path: str | Path, quant: QuantConfig | None = None) -> I
     passed in must agree with it. The .csv carries weights only.
     """
     p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise EcqaeError(f"{p}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EcqaeError(f"{p}: cannot read ({exc})") from None
+    text = artifacts.read_text(p)
     if p.suffix.lower() == ".csv":
         if quant is None:
             raise EcqaeError(f"{p}: a .csv register image holds weights only; give the quantizer widths")

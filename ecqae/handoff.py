@@ -86,12 +86,7 @@ def _table(columns: list[str], rows: np.ndarray) -> str:
 
 def read_table(path: Path, columns: list[str]) -> np.ndarray:
     """An integer CSV with exactly these columns -> (N, len(columns)) int64; errors name file and line."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise EcqaeError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EcqaeError(f"{path}: cannot read ({exc})") from None
+    text = artifacts.read_text(path)
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if header is None or [h.strip() for h in header] != columns:

@@ -441,13 +441,9 @@ def load_run(path: str | Path) -> Run:
     p = Path(path)
     if not p.is_dir():
         raise EcqaeError(f"{p}: no such run directory (train first: make train)")
-    done = artifacts.read_complete(p)
-    if done is None:
-        raise EcqaeError(f"{p}: run is not complete (interrupted?); rerun the training to resume it")
-    for name, digest in done.get("files", {}).items():
-        f = p / name
-        if not f.is_file() or artifacts.sha256_file(f) != digest:
-            raise EcqaeError(f"{f}: missing or changed since the run completed")
+    artifacts.verified_complete(
+        p, "run is not complete (interrupted?); rerun the training to resume it", "the run completed"
+    )
     try:
         record = json.loads((p / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
