@@ -22,6 +22,7 @@ HLS_OUT ?= hls
 # Evaluation / benchmark knobs
 EVAL_OUT ?= $(RUN)/evaluation
 BENCH_WAFERS ?= 100000
+BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: all train train-plain hls verify evaluate handoff bench bench-smoke test lint venv clean
@@ -58,8 +59,12 @@ evaluate: $(STAMP)
 handoff: $(STAMP)
 	$(PY) -m ecqae handoff --run $(RUN) --hls $(HLS_OUT) $(CONFIG)
 
+# make bench BENCH_WAFERS=1000000; make bench BENCH_ARGS="--scaling --chain --reps 5"
 bench: $(STAMP)
-	$(PY) -m ecqae bench --wafers $(BENCH_WAFERS) --out bench.json
+	$(PY) -m ecqae bench --wafers $(BENCH_WAFERS) --out bench.json $(BENCH_ARGS)
+
+bench-smoke: $(STAMP)
+	$(PY) -m ecqae bench --smoke --out runs/bench-smoke.json $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check ecqae tests
@@ -70,4 +75,4 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check ecqae tests
 
 clean:
-	rm -rf runs hls/*/ bench.json .pytest_cache
+	rm -rf runs hls/*/ hls/.[!.]* bench.json .pytest_cache

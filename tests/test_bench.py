@@ -163,10 +163,26 @@ def test_targets_judge_pass_and_short_at_the_boundary():
     assert bench._judge("verify.all", {**v, "wafers": 2_000_000, "median": 100.0})["status"] == "pass"
 
 
+def test_targets_stated_for_a_million_wafers_use_that_measurement_when_there_is_one():
+    def verify_row(wafers: int, seconds: float) -> dict:
+        row = {"key": "verify.all", "label": "verify", "status": "ok", "median": seconds, "wafers": wafers,
+               "info": {"bit_exact": True}}  # fmt: skip
+        return {**row, "target": bench._judge("verify.all", row)}
+
+    small, big = verify_row(100_000, 5.0), verify_row(1_000_000, 70.0)
+    [v] = [t for t in bench._targets([small], [small, big]) if t["key"] == "verify.all"]
+    assert v["status"] == "short" and v["value"] == 70.0 and v["note"] == "scaled from 1,000,000 wafers"
+    [v] = [t for t in bench._targets([small], [small]) if t["key"] == "verify.all"]
+    assert v["status"] == "pass (projected)" and v["value"] == 50.0
+    targets = {t["key"]: t for t in bench._targets([small], [small])}
+    assert targets["train.memory"]["status"].startswith("n/a: not measured")
+    assert targets["evaluation.emd"]["status"] == "n/a: not measured"
+
+
 def test_scaling_summary_reports_growth_per_size_step():
     def row(n: int, seconds: float, peak: float) -> dict:
         return {"key": "x", "status": "ok", "seconds": [seconds, seconds * 1.1, seconds * 0.9], "peak_mib": peak,
-                "baseline_mib": 100.0, "info": {"dataset": n}}  # fmt: skip
+                "baseline_mib": 100.0, "memory": "own child", "info": {"dataset": n}}  # fmt: skip
 
     rows = [row(1000, 0.1, 110.0), row(10_000, 1.0, 200.0), row(100_000, 10.0, 1100.0)]
     [s] = bench._scaling_summary(rows, (1000, 10_000, 100_000))
@@ -174,6 +190,11 @@ def test_scaling_summary_reports_growth_per_size_step():
     assert [g["time_x"] for g in s["growth"]] == [10.0, 10.0]
     assert [g["memory_x"] for g in s["growth"]] == [10.0, 10.0]  # 10 -> 100 -> 1000 MiB above the baseline
     assert s["bytes_per_wafer_above_baseline"] == round(1000 * 2**20 / 100_000)
+    # A peak shared with other stages (smoke) says nothing about this stage's memory.
+    shared = [{**r, "memory": "peak of a child shared by 3 stages"} for r in rows]
+    [s] = bench._scaling_summary(shared, (1000, 10_000, 100_000))
+    assert [g["time_x"] for g in s["growth"]] == [10.0, 10.0] and "memory_x" not in s["growth"][0]
+    assert s["bytes_per_wafer_above_baseline"] is None
 
 
 def test_cli_rejects_a_too_small_benchmark(capsys):
