@@ -242,9 +242,16 @@ class IntegerEncoder:
         dense_frac = q.conv_act_bits - q.conv_act_integer + chip.WEIGHT_FRAC_BITS
         return relu_codes(dense, dense_frac, self.latent_bits, q.latent_integer)
 
+    CHUNK = 16384  # wafers per step: int64 temporaries stay ~100 MB at any dataset size
+
     def latent_codes(self, charges: np.ndarray) -> np.ndarray:
         """Integer charges (N, 48) -> the latent codes the chip sends (N, 16), int64."""
-        return self.forward(self.input_codes(charges))
+        q = np.asarray(charges)
+        if len(q) <= self.CHUNK:
+            return self.forward(self.input_codes(q))
+        return np.concatenate(
+            [self.forward(self.input_codes(q[i : i + self.CHUNK])) for i in range(0, len(q), self.CHUNK)]
+        )
 
     def latent_values(self, charges: np.ndarray) -> np.ndarray:
         """Latent values as QKeras outputs them (float32, exact)."""

@@ -135,7 +135,7 @@ def test_ablation_judged_on_other_wafers_is_refused(calq_run, tmp_path):
 def test_cli_evaluate_and_its_errors(calq_run, tmp_path, capsys):
     assert cli.main(["evaluate", "--run", str(calq_run), "--out", str(tmp_path / "ev"), "--wafers", "120"]) == 0
     out = capsys.readouterr().out
-    assert "EMD (neighbouring TCs = 2)" in out and "super-trigger-cell" in out
+    assert "EMD [units: 1.21 cm, neighbouring TCs = 2]" in out and "super-trigger-cell" in out
     assert json.loads((tmp_path / "ev" / "evaluation.json").read_text())["wafers"]["n"] == 120
 
     assert cli.main(["evaluate", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
