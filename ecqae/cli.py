@@ -98,14 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
 
-    def add_parser(name: str, **kwargs: object) -> argparse.ArgumentParser:
-        return _add_parser(name, parents=[common], **kwargs)  # type: ignore[arg-type]
-
-    sub.add_parser = add_parser  # type: ignore[method-assign]
-
-    t = sub.add_parser("train", help="train the conditional autoencoder")
+    t = sub.add_parser("train", help="train the conditional autoencoder", parents=[common])
     t.add_argument("--config", help="YAML run config (data/model/train sections); flags override it")
     t.add_argument("--data", help="'embedded' (default) or a CALQ CSV path (.csv or .csv.gz)")
     t.add_argument("--eta", help="CSV eta: a column name, a value '2.2' or a range '1.6:2.9' (default: column 'eta')")
@@ -121,13 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="retrain even if the run directory is complete")
     t.set_defaults(func=_cmd_train)
 
-    h = sub.add_parser("hls", help="convert the trained encoder to HLS projects and compile the C simulation")
+    h = sub.add_parser(
+        "hls", help="convert the trained encoder to HLS projects and compile the C simulation", parents=[common]
+    )
     h.add_argument("--run", help="run directory (default: the config's 'run', else runs/default)")
     h.add_argument("--out", default="hls")
     h.add_argument("configs", nargs="+", help="firmware config YAML files")
     h.set_defaults(func=_cmd_hls)
 
-    v = sub.add_parser("verify", help="prove the C simulation bit-exact against QKeras")
+    v = sub.add_parser("verify", help="prove the C simulation bit-exact against QKeras", parents=[common])
     v.add_argument("--run", help="run directory (default: the config's 'run', else runs/default)")
     v.add_argument("--hls", default="hls")
     v.add_argument("--wafers", type=int, default=0, help="test wafers to compare (0 = the whole test split)")
@@ -137,14 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("configs", nargs="+", help="firmware config YAML files")
     v.set_defaults(func=_cmd_verify)
 
-    e = sub.add_parser("evaluate", help="EMD and the field's metrics against the classical algorithms")
+    e = sub.add_parser(
+        "evaluate", help="EMD and the field's metrics against the classical algorithms", parents=[common]
+    )
     e.add_argument("--run", default="runs/default")
     e.add_argument("--out", default=None, help="output directory (default: <run>/evaluation)")
     e.add_argument("--ablation", help="a plain-autoencoder run (same data and seed) to compare against")
     e.add_argument("--wafers", type=int, default=0, help="test wafers to use (0 = the whole test split)")
     e.set_defaults(func=_cmd_evaluate)
 
-    o = sub.add_parser("handoff", help="write the release bundle for ASIC engineers")
+    o = sub.add_parser("handoff", help="write the release bundle for ASIC engineers", parents=[common])
     o.add_argument("--run", default="runs/default")
     o.add_argument("--hls", default="hls")
     o.add_argument("--name", default=None, help="bundle name (default: econt-<run id>)")
@@ -152,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("configs", nargs="+")
     o.set_defaults(func=_cmd_handoff)
 
-    c = sub.add_parser("check-bundle", help="re-verify a received release bundle from its files alone")
+    c = sub.add_parser(
+        "check-bundle", help="re-verify a received release bundle from its files alone", parents=[common]
+    )
     c.add_argument("path", help="a release directory or its .tar.gz")
     c.set_defaults(func=_cmd_check_bundle)
 
-    b = sub.add_parser("bench", help="measure speed and memory of every stage")
+    b = sub.add_parser("bench", help="measure speed and memory of every stage", parents=[common])
     b.add_argument("--wafers", type=int, default=100_000)
     b.add_argument("--out", default="bench.json")
     b.add_argument("--scaling", action="store_true", help="also run 1e4, 1e5, 1e6 wafers")
