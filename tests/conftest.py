@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -16,6 +17,14 @@ TTBAR = SHARED / "ttbar_0PU.csv"
 TC_COORDS = SHARED / "tc_coords.csv"
 SUPERCELLS = SHARED / "telescope_supercells.csv"
 CONFIGS = [ROOT / "firmware_configs" / "econt_asic.yaml", ROOT / "firmware_configs" / "fpga_vitis.yaml"]
+
+
+def wafer(**charges: float) -> np.ndarray:
+    """One (1, 48) hand-made wafer from keyword pairs like t0=10, t5=3 (float charges, as reconstructions are)."""
+    w = np.zeros((1, 48))
+    for key, value in charges.items():
+        w[0, int(key[1:])] = value
+    return w
 
 
 def _train_small(tmp_path_factory: pytest.TempPathFactory, name: str, elinks: int, conditional: bool = True) -> Path:

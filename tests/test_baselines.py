@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CALQ
+from conftest import CALQ, wafer
 
 from ecqae import baselines, chip, data
-
-
-def wafer(**charges: int) -> np.ndarray:
-    w = np.zeros((1, chip.N_TC), dtype=np.int64)
-    for key, value in charges.items():
-        w[0, int(key[1:])] = value
-    return w
 
 
 @pytest.fixture(scope="module")

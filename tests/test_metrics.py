@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CALQ, TC_COORDS
+from conftest import CALQ, TC_COORDS, wafer
 
 from ecqae import baselines, chip, data, metrics
 
@@ -12,14 +12,6 @@ from ecqae import baselines, chip, data, metrics
 def dist(i: int, j: int) -> float:
     """Distance between TC centres in EMD units, straight from chip.TC_XY."""
     return float(np.hypot(*(chip.TC_XY[i] - chip.TC_XY[j])) * chip.EMD_COORD_SCALE)
-
-
-def wafer(**charges: float) -> np.ndarray:
-    """One (1, 48) wafer from keyword pairs like t0=10, t5=3."""
-    w = np.zeros((1, chip.N_TC))
-    for key, value in charges.items():
-        w[0, int(key[1:])] = value
-    return w
 
 
 @pytest.fixture(scope="module")
