@@ -19,9 +19,9 @@ SUPERCELLS = SHARED / "telescope_supercells.csv"
 CONFIGS = [ROOT / "firmware_configs" / "econt_asic.yaml", ROOT / "firmware_configs" / "fpga_vitis.yaml"]
 
 
-def wafer(**charges: float) -> np.ndarray:
-    """One (1, 48) hand-made wafer from keyword pairs like t0=10, t5=3 (float charges, as reconstructions are)."""
-    w = np.zeros((1, 48))
+def wafer(dtype: type = np.float64, **charges: float) -> np.ndarray:
+    """One (1, 48) hand-made wafer from keyword pairs like t0=10, t5=3."""
+    w = np.zeros((1, 48), dtype=dtype)
     for key, value in charges.items():
         w[0, int(key[1:])] = value
     return w

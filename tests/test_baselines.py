@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CALQ, wafer
+from conftest import CALQ
+from conftest import wafer as _wafer
 
 from ecqae import baselines, chip, data
+
+
+def wafer(**charges: int) -> np.ndarray:
+    return _wafer(np.int64, **charges)  # the baselines take integer charges
 
 
 @pytest.fixture(scope="module")
